@@ -22,7 +22,10 @@ install: $(STAMP)
 data: $(STAMP)
 	$(PY) -m delving.data fetch --install-debian
 
-book: $(STAMP) data
+# The profile is checked before the data is fetched or any notebook runs.
+book: $(STAMP)
+	@$(PY) -m delving.book --profile $(PROFILE) --check
+	@$(MAKE) --no-print-directory data
 	@start=$$(date +%s); \
 	$(PY) -m delving.book --profile $(PROFILE) || exit $$?; \
 	echo "make book: $$(( $$(date +%s) - start )) s (after install)"

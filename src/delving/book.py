@@ -23,7 +23,6 @@ import yaml
 from delving.params import NOTEBOOKS_DIR, PROJECT_ROOT, ParameterError, check_profile, notebooks, profile_file
 
 BOOK_DIR = PROJECT_ROOT / "book"
-HTML_DIR = PROJECT_ROOT / "_build" / "html"
 
 
 class NotebookFailed(RuntimeError):
@@ -58,17 +57,19 @@ def execute_notebook(name: str, profile: str, *, output_dir: Path = BOOK_DIR, pr
     return final
 
 
-def build_html(*, warnings_as_errors: bool = True) -> Path:
-    """Jupyter Book 1.x over book/ with the root _config.yml; returns the index page."""
+def build_html(book_dir: Path = BOOK_DIR, output_root: Path = PROJECT_ROOT, *,
+               warnings_as_errors: bool = True) -> Path:
+    """Jupyter Book 1.x over `book_dir` with the root _config.yml; HTML goes to
+    `output_root/_build/html`. Returns the index page."""
     jb = Path(sys.executable).with_name("jupyter-book")
-    cmd = [str(jb), "build", str(BOOK_DIR), "--config", str(PROJECT_ROOT / "_config.yml"),
-           "--toc", str(BOOK_DIR / "_toc.yml"), "--path-output", str(PROJECT_ROOT)]
+    cmd = [str(jb), "build", str(book_dir), "--config", str(PROJECT_ROOT / "_config.yml"),
+           "--toc", str(Path(book_dir).resolve() / "_toc.yml"), "--path-output", str(output_root)]
     if warnings_as_errors:
         cmd += ["-W", "-n", "--keep-going"]
     result = subprocess.run(cmd, cwd=PROJECT_ROOT)
     if result.returncode != 0:
         raise RuntimeError(f"jupyter-book build failed (exit {result.returncode}); see the messages above")
-    return HTML_DIR / "index.html"
+    return Path(output_root) / "_build" / "html" / "index.html"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", help="notebooks to run (default: all)")
     parser.add_argument("--no-build", action="store_true", help="execute notebooks only")
     parser.add_argument("--no-execute", action="store_true", help="build HTML from the notebooks already in book/")
+    parser.add_argument("--check", action="store_true", help="only validate the profile, then exit")
     args = parser.parse_args(argv)
     t0 = time.time()
     try:
@@ -91,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     except ParameterError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.check:
+        print(f"profile {args.profile!r}: valid for {', '.join(names)}")
+        return 0
     try:
         if not args.no_execute:
             for name in names:

@@ -305,3 +305,34 @@ def latest_run(experiment: str, **param_filters: Any) -> Record:
         raise LookupError(f"no finished run of {experiment!r} with {param_filters or 'any params'} "
                           f"under {results_root()}")
     return runs[-1]
+
+
+def provenance_table(records: Iterable[Record]) -> pd.DataFrame:
+    """One row per run: what a chapter shows at its end (parameters are shown beside it)."""
+    rows = []
+    for r in records:
+        p = r.provenance
+        rows.append({
+            "experiment": r.experiment, "run": r.run_id, "status": r.status,
+            "commit": (p.get("git_commit") or "?")[:10] + ("+dirty" if p.get("git_dirty") else ""),
+            "torch": (p.get("packages") or {}).get("torch"), "python": p.get("python"),
+            "device": p.get("device"), "hardware": p.get("gpu") or f"{p.get('cpu')} ({p.get('torch_threads')} threads)",
+            "seed": p.get("seed"), "started": p.get("start_time"),
+            "wall time (s)": round(float(p.get("wall_time_s") or float("nan")), 1),
+        })
+    return pd.DataFrame(rows)
+
+
+def record_findings(chapter: str, params: dict[str, Any], findings: dict[str, Any],
+                    runs: Iterable[Record] = ()) -> Record:
+    """A chapter's measured verdict inputs, as a run of experiment `findings-<chapter>`.
+
+    The scorecard reads the newest one of each chapter (`latest_findings`); `runs` names the
+    run records the numbers came from, so every figure on the scorecard traces back to a run."""
+    run = start_run(f"findings-{chapter}", params, device=str(params.get("device", "cpu")), seed=params.get("seed"))
+    return run.finish({"findings": findings, "source_runs": [str(r.dir) for r in runs]})
+
+
+def latest_findings(chapter: str) -> Record | None:
+    runs = find_runs(f"findings-{chapter}")
+    return runs[-1] if runs else None
