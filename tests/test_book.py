@@ -3,6 +3,7 @@ warnings as errors, then every page opened in headless Chromium: it loads, each 
 figures are present and non-empty, and no internal link is broken."""
 
 import functools
+import json
 import http.server
 import shutil
 import subprocess
@@ -45,6 +46,14 @@ def built_book(tmp_path_factory):
             execute_notebook(name, "tiny", output_dir=book, progress=False)
         index = build_html(book, root, warnings_as_errors=True)
     return book, index.parent
+
+
+def test_every_notebook_runs_through_papermill_under_the_tiny_profile(built_book):
+    book, _ = built_book
+    for name in notebooks():
+        nb = json.loads((book / f"{name}.ipynb").read_text())
+        outputs = [o for c in nb["cells"] for o in c.get("outputs", [])]
+        assert outputs and not [o for o in outputs if o.get("output_type") == "error"], name
 
 
 def test_toc_lists_every_notebook():

@@ -1,16 +1,15 @@
-"""Notebook sources: clean papermill templates whose parameters match their declarations,
-that run end to end under the tiny profile and refuse bad parameters before any work."""
+"""Notebook sources: clean papermill templates whose parameters match their declarations and
+that refuse bad parameters before any work. (tests/test_book.py runs every notebook end to end
+under the tiny profile.)"""
 
-import json
 import subprocess
 import sys
 
 import nbformat
 import papermill
 import pytest
-import yaml
 
-from delving.params import NOTEBOOKS_DIR, PROFILES_DIR, check_value, notebooks, spec_for
+from delving.params import NOTEBOOKS_DIR, check_value, notebooks, spec_for
 
 NOTEBOOKS = notebooks()
 PAPERMILL = [sys.executable, "-m", "papermill"]
@@ -48,20 +47,6 @@ def test_help_notebook_documents_the_parameters():
     out = subprocess.run(PAPERMILL + ["--help-notebook", str(NOTEBOOKS_DIR / "01_variance.ipynb")],
                          capture_output=True, text=True, check=True).stdout
     assert "depth: int" in out and "weight layers" in out
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", NOTEBOOKS)
-def test_runs_under_the_tiny_profile(name, tmp_path, monkeypatch):
-    monkeypatch.setenv("DELVING_RESULTS", str(tmp_path / "results"))
-    profile = PROFILES_DIR / "tiny" / f"{name}.yaml"
-    params = yaml.safe_load(profile.read_text()) if profile.exists() else {}
-    out = tmp_path / f"{name}.ipynb"
-    papermill.execute_notebook(str(NOTEBOOKS_DIR / f"{name}.ipynb"), str(out), parameters=params,
-                               kernel_name="python3", progress_bar=False)
-    nb = json.loads(out.read_text())
-    errors = [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
-    assert not errors
 
 
 def _bad_run(name, tmp_path, *args):
