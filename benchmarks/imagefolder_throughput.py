@@ -24,27 +24,8 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
+from delving.benchmark import loader_rate, write_folder
 from delving.data import imagefolder as imf
-
-
-def natural_image(rng: np.random.Generator, w: int = 500, h: int = 375) -> Image.Image:
-    x = np.zeros((h, w, 3))
-    for cell, weight in ((64, 0.5), (16, 0.3), (4, 0.15), (1, 0.05)):
-        low = rng.random((h // cell + 2, w // cell + 2, 3)).astype(np.float32)
-        up = np.asarray(Image.fromarray((low * 255).astype(np.uint8)).resize(
-            (low.shape[1] * cell, low.shape[0] * cell), Image.BILINEAR), dtype=np.float32) / 255
-        x += weight * up[:h, :w]
-    x = 0.8 * x + 0.2 * np.linspace(0, 1, w)[None, :, None]
-    return Image.fromarray((255 * x.clip(0, 1)).astype(np.uint8))
-
-
-def write_folder(root: Path, n: int, classes: int = 4) -> None:
-    rng = np.random.default_rng(0)
-    for split, count in (("train", n), ("val", max(classes, n // 2))):
-        for i in range(count):
-            d = root / split / f"c{i % classes}"
-            d.mkdir(parents=True, exist_ok=True)
-            natural_image(rng).save(d / f"img_{i:05d}.JPEG", quality=90)
 
 
 def per_stage(path: str, reps: int = 60) -> dict[str, float]:
@@ -75,19 +56,6 @@ def _resize_then_crop(img):
     s = int(torch.randint(256, 513, ()))
     r = TF.resize(img, s, TF.InterpolationMode.BILINEAR)
     return TF.crop(r, 0, 0, 224, 224)
-
-
-def loader_rate(loader) -> tuple[float, float]:
-    """(images/s after the first batch, seconds to the first batch)."""
-    start = time.perf_counter()
-    it = iter(loader)
-    next(it)
-    t0 = time.perf_counter()
-    count = 0
-    for _, y in it:
-        count += len(y)
-    elapsed = time.perf_counter() - t0
-    return count / elapsed, t0 - start
 
 
 def main(argv=None) -> int:
