@@ -59,6 +59,13 @@ def test_rules_turn_on_the_numbers():
     assert _verdicts(**{"03_prelu": noisy})["table2"] == PARTLY  # better, but within the spread
     off = {**VARIANCE, "schemes": {**VARIANCE["schemes"], "he-fan-in": {"forward_last_ratio_median": 3.0}}}
     assert _verdicts(**{"01_variance": off})["eq10-14"] == PARTLY
+    # the pooled (expectation) estimator decides when present; the median is only the spread
+    pooled = {**VARIANCE, "schemes": {**VARIANCE["schemes"], "he-fan-in": {
+        "forward_last_ratio_median": 0.3, "forward_last_ratio_pooled": 0.95}}}
+    assert _verdicts(**{"01_variance": pooled})["eq10-14"] == REPRODUCED
+    pooled_off = {**VARIANCE, "schemes": {**VARIANCE["schemes"], "he-fan-in": {
+        "forward_last_ratio_median": 0.9, "forward_last_ratio_pooled": 0.3}}}
+    assert _verdicts(**{"01_variance": pooled_off})["eq10-14"] == PARTLY
 
 
 def test_missing_chapters_are_not_run(tmp_path, monkeypatch):

@@ -238,7 +238,7 @@ SPECS: dict[str, dict[str, Param]] = {
     "09_scorecard": {
         "variance_factor": Param("float", "measured/predicted variance within this factor is on the line", low=1.0),
         "stalled_top1": Param("float", "top-1 error at or above this counts as stalled at chance", low=0.0, high=1.0),
-        "gradient_ratio": Param("float", "He/Xavier first-layer gradient norm above this = vanishing", low=1.0),
+        "gradient_ratio": Param("float", "He/Xavier first-layer gradient norm above which gradients vanish", low=1.0),
         "margin_points": Param("float", "top-1 differences below this many points are no clear difference", low=0.0),
         "z": Param("float", "standard errors a difference must exceed to count", low=0.0),
     },
