@@ -13,8 +13,12 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from delving import results
 from delving.models import build_model
-from delving.train import (ConfigError, TrainConfig, _plateau_step, load_checkpoint, main, make_model,
-                           param_groups, topk_errors, train)
+import delving.train as train_module
+from delving.data import InMemoryBatches
+from delving.train import (ConfigError, EpochSampler, RankShard, TrainConfig, _plateau_step, build_parser,
+                           config_argv, evaluate, load_checkpoint, main, make_model, param_groups, topk_errors,
+                           torchrun_command, train)
+from test_imagefolder import make_folder
 
 # threads=1: these models are too small to gain from a second thread, and on a busy two-core
 # machine two threads wait on each other (several times slower).
@@ -63,18 +67,69 @@ def test_a_run_records_metrics_and_gradient_norms_and_learns():
     assert results.find_runs("smoke")[0].dir == record.dir
 
 
-def test_param_groups_keep_decay_off_biases_and_prelu():
-    model = build_model("small14", activation="prelu-channel-wise", num_classes=10, in_channels=1,
-                        input_size=28, width=1 / 16)
+@pytest.mark.parametrize("activation", ["prelu-shared", "prelu-channel-wise"])
+def test_param_groups_keep_decay_off_biases_and_prelu(activation):
+    # The model train() builds (make_model: built and initialised), for both kinds of PReLU.
+    model = make_model(TrainConfig(**{**TINY, "activation": activation}), in_channels=1, input_size=28, num_classes=10)
     groups = param_groups(model, 5e-4)
     decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
     assert len(decay) == sum(1 for _ in model.parameters())  # every parameter, once
+    prelus = [m for m in model.modules() if isinstance(m, nn.PReLU)]
+    assert len(prelus) == 13 and all(decay[id(m.weight)] == 0.0 for m in prelus)  # after 11 convs, fc1, fc2
+    assert all(m.weight.numel() == 1 for m in prelus) == (activation == "prelu-shared")
     for module in model.modules():
-        if isinstance(module, nn.PReLU):
-            assert decay[id(module.weight)] == 0.0
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             assert decay[id(module.weight)] == 5e-4
             assert decay[id(module.bias)] == 0.0
+
+
+@pytest.mark.parametrize("activation", ["prelu-shared", "prelu-channel-wise"])
+def test_prelu_steps_are_momentum_sgd_without_decay_or_clipping(activation, monkeypatch):
+    """Inside a real training run with weight decay on, each update of a is exactly Eq. 4 (momentum
+    on the gradient alone); a conv weight's update does include the decay; nothing changes a between
+    updates (no clipping or projection)."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    built = []
+    monkeypatch.setattr(train_module, "make_model", lambda *a, **k: built.append(make_model(*a, **k)) or built[-1])
+    lr, mu, wd = 0.01, 0.9, 0.05  # a decay this large would move a by 1.25e-4 a step: far above rounding
+    seen = {"a": [], "w": []}
+
+    def pre(optimizer, args, kwargs):
+        model = built[-1]
+        a = [m.weight for m in model.modules() if isinstance(m, nn.PReLU)]
+        w = model.features.conv21.weight
+        seen["a"].append([(p.detach().clone(), p.grad.clone()) for p in a])
+        seen["w"].append((w.detach().clone(), w.grad.clone()))
+
+    def post(optimizer, args, kwargs):
+        model = built[-1]
+        seen["a"][-1] = [(before, grad, p.detach().clone()) for (before, grad), p
+                         in zip(seen["a"][-1], [m.weight for m in model.modules() if isinstance(m, nn.PReLU)])]
+        seen["w"][-1] = (*seen["w"][-1], model.features.conv21.weight.detach().clone())
+
+    handles = [register_optimizer_step_pre_hook(pre), register_optimizer_step_post_hook(post)]
+    try:
+        config = TrainConfig(**{**TINY, "activation": activation, "train_subset": 256, "epochs": 1, "lr": lr,
+                                "momentum": mu, "weight_decay": wd, "dropout": 0.0, "experiment": "eq4"})
+        record = train(config, progress=False)
+    finally:
+        for h in handles:
+            h.remove()
+    assert record.status == "completed" and len(seen["a"]) == 4
+    buffers, wbuf = None, None
+    for k, (layers, (w0, wg, w1)) in enumerate(zip(seen["a"], seen["w"])):
+        grads = [g for _, g, _ in layers]
+        buffers = grads if buffers is None else [mu * b + g for b, g in zip(buffers, grads)]
+        for (a0, g, a1), b in zip(layers, buffers):
+            torch.testing.assert_close(a1, a0 - lr * b, rtol=0, atol=1e-7)  # Eq. 4, no decay term
+            assert not torch.allclose(a1, a0 - lr * (b + wd * a0), rtol=0, atol=1e-6)
+        wg = wg + wd * w0  # conv weights are decayed
+        wbuf = wg if wbuf is None else mu * wbuf + wg
+        torch.testing.assert_close(w1, w0 - lr * wbuf, rtol=0, atol=1e-7)
+        if k + 1 < len(seen["a"]):  # nothing touches a between two updates
+            assert all(torch.equal(a1, nxt[0]) for (_, _, a1), nxt in zip(layers, seen["a"][k + 1]))
+    assert any((a1 != a0).any() for a0, _, a1 in seen["a"][-1])  # a did move
 
 
 def test_topk_errors():
@@ -186,3 +241,111 @@ def test_cli_runs_and_prints_the_run_directory(capsys):
     record = results.load_run(out[-1])
     assert record.status == "completed" and record.params["train_subset"] == 64
     assert not math.isnan(record.summary["final_test_top1"])
+
+
+# --- the image-folder and synthetic data sets, the distributed pieces -----------------------------
+
+def _folder_config(folder, **kw):
+    return TrainConfig(**{**TINY, "dataset": "imagefolder", "data_dir": str(folder), "input_size": 32,
+                          "scale_range": [36, 40], "eval_resize": 36, "eval_views": "ten", "num_workers": 0,
+                          "train_subset": None, "eval_subset": 4, "test_subset": None, "batch_size": 8,
+                          "activation": "prelu-channel-wise", "augment": True, "experiment": "folder", **kw})
+
+
+def test_an_image_folder_run_trains_and_tests_by_ten_views(tmp_path):
+    folder = make_folder(tmp_path / "data", per_class=8)  # 3 classes: 24 training, 6 val images
+    record = train(_folder_config(folder), progress=False)
+    assert record.status == "completed" and record.summary["steps"] == 6  # 24 // 8 a epoch, 2 epochs
+    m = record.metrics
+    assert list(m["step"]) == [0, 2, 3, 5, 6]  # evals_per_epoch 2 of 3 steps: after 2 and 3
+    tested = m.dropna(subset=["test_top1"])
+    assert list(tested["step"]) == [3, 6]
+    assert all(abs(v * 6 - round(v * 6)) < 1e-9 for v in tested["test_top1"])  # errors over the 6 val images
+    assert all(abs(v * 4 - round(v * 4)) < 1e-9 for v in m["eval_top1"])  # the 4-image centre-crop subset
+    ckpt = torch.load(record.dir / "checkpoint.pt", weights_only=True)["model"]
+    assert ckpt["classifier.fc3.weight"].shape[0] == 3 and ckpt["features.conv1.weight"].shape[1] == 3
+    assert set(record.table("prelu")["step"]) == {0, 2, 3, 5, 6}
+
+
+@pytest.mark.parametrize("data_dir", ["missing", "empty", "no-val"])
+def test_a_missing_or_empty_data_folder_is_refused_before_any_record(tmp_path, results_dir, data_dir, capsys):
+    folder = tmp_path / data_dir
+    if data_dir != "missing":
+        folder.mkdir()
+    if data_dir == "no-val":
+        make_folder(folder, splits=("train",))
+    with pytest.raises(ConfigError, match=r"TrainConfig\.data_dir: got .*" + data_dir) as e:
+        train(_folder_config(folder), progress=False)
+    assert e.value.field == "data_dir" and ("val" in str(e.value) or data_dir != "no-val")
+    with pytest.raises(ConfigError, match=r"TrainConfig\.data_dir: got None"):
+        TrainConfig(dataset="imagefolder")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--dataset", "imagefolder", "--data-dir", str(folder), "--device", "cpu", "--no-progress"])
+    assert exit_.value.code == 2 and "argument --data-dir" in capsys.readouterr().err
+    assert not results_dir.exists()
+
+
+def test_synthetic_data_is_random_images_of_the_given_size():
+    config = TrainConfig(**{**TINY, "dataset": "synthetic", "input_size": 16, "train_subset": 64, "eval_subset": 32,
+                            "test_subset": 32, "batch_size": 32, "epochs": 1, "experiment": "synthetic"})
+    record = train(config, progress=False)
+    assert record.status == "completed" and record.summary["steps"] == 2
+    ckpt = torch.load(record.dir / "checkpoint.pt", weights_only=True)["model"]
+    assert ckpt["classifier.fc3.weight"].shape[0] == 1000 and ckpt["features.conv1.weight"].shape[1] == 3
+
+
+def test_ten_view_scores_average_the_softmax_over_the_views():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 5))
+    x, y = torch.randn(6, 10, 3, 4, 4), torch.randint(0, 5, (6,))
+    probs = model(x.flatten(0, 1)).softmax(1).view(6, 10, 5).mean(1)
+    assert evaluate(model, [(x, y)]) == topk_errors(probs, y, (1, 5))
+    assert evaluate(model, [(x[:, 0], y)]) == topk_errors(model(x[:, 0]), y, (1, 5))
+
+
+def test_each_rank_gets_its_part_of_every_global_batch():
+    # Image folders: EpochSampler; in-memory sets: RankShard. The parts of the ranks, in order,
+    # are the single-process batch, for every epoch and from any start batch.
+    batch = lambda s: [list(s)[i:i + 8] for i in range(0, len(s), 8)]
+    for epoch, start in ((0, 0), (3, 2)):
+        single = EpochSampler(50, 8, seed=5)
+        parts = [EpochSampler(50, 8, seed=5, rank=r, world=2) for r in range(2)]
+        for s in (single, *parts):
+            s.set_epoch(epoch, start)
+        whole = batch(single)
+        assert len(whole) == 6 - start and len(single) == 8 * (6 - start)  # 50 // 8 = 6 batches, partial dropped
+        halves = [[list(p)[i:i + 4] for i in range(0, len(p), 4)] for p in parts]
+        assert [h0 + h1 for h0, h1 in zip(*halves)] == whole
+    images, labels = torch.randint(0, 256, (40, 1, 6, 6), dtype=torch.uint8), torch.arange(40)
+    batches = InMemoryBatches(images, labels, batch_size=16, shuffle=True, augment=True, drop_last=True, seed=1,
+                              mean=torch.zeros(1), std=torch.ones(1))
+    shards = [RankShard(batches, r, 2) for r in range(2)]
+    for (x, y), (x0, y0), (x1, y1) in zip(batches.epoch(1, start=1), shards[0].epoch(1, start=1),
+                                          shards[1].epoch(1, start=1)):
+        assert torch.equal(torch.cat([x0, x1]), x) and torch.equal(torch.cat([y0, y1]), y)
+    assert len(shards[0]) == 2 and shards[1].images is batches.images
+
+
+def test_config_argv_gives_the_config_back_and_builds_the_torchrun_command(tmp_path):
+    config = TrainConfig(dataset="imagefolder", data_dir=str(tmp_path), scale_range=[256, 256], lr_steps=[30, 60],
+                         train_subset=None, test_subset=500, width=1 / 3, bf16=True, channels_last=False,
+                         eval_views="center", num_workers=0, experiment="argv")
+    args = build_parser().parse_args(config_argv(config))
+    assert TrainConfig.from_dict({k: getattr(args, k) for k in config.to_dict()}) == config
+    assert TrainConfig.from_dict({k: getattr(build_parser().parse_args(config_argv(TrainConfig())), k)
+                                  for k in config.to_dict()}) == TrainConfig()
+    cmd = torchrun_command(config, 4)
+    assert cmd[cmd.index("--nproc_per_node") + 1] == "4" and cmd[cmd.index("-m") + 1] == "delving.train"
+    assert "--no-progress" in cmd and "--standalone" in cmd
+
+
+def test_batch_size_must_split_evenly_over_the_processes(monkeypatch):
+    # train() reads torchrun's environment; a group that exists already is used as it is.
+    import torch.distributed as dist
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    with pytest.raises(ConfigError, match=r"TrainConfig\.batch_size: got 33.*multiple of the 2 processes"):
+        train(TrainConfig(**{**TINY, "batch_size": 33}), progress=False)

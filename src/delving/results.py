@@ -206,7 +206,10 @@ class Run:
 
 
 def new_run_id() -> str:
-    return f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{secrets.token_hex(3)}"
+    """Sorts by start time (to the microsecond), so `find_runs` lists runs oldest first even when
+    one process starts several in the same second; pid and random suffix keep concurrent ones apart."""
+    now = time.time()
+    return f"{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}.{int(now % 1 * 1e6):06d}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
 def start_run(experiment: str, params: dict[str, Any], *, device: str = "cpu",
