@@ -135,3 +135,17 @@ def test_two_runs_started_at_once_keep_separate_records(tmp_path):
     for d in _run_dirs(tmp_path):
         record = results.load_run(d)
         assert record.finished and record.metrics["step"].is_monotonic_increasing
+
+
+def test_two_processes_resuming_the_same_killed_run_never_share_it(tmp_path, monkeypatch):
+    """Two papermill processes of one chapter both ask for resume="auto": one takes the killed
+    run, the other starts its own, and neither writes into the other's record."""
+    killed = results.start_run("kill", {"x": 1})
+    killed.close()  # as if its process had been killed
+    from delving.train import TrainConfig, open_or_start_run
+
+    config = TrainConfig(experiment="kill")
+    results.atomic_write_json(killed.dir / "params.json", config.to_dict())
+    first = open_or_start_run(config, "auto", torch.device("cpu"))
+    second = open_or_start_run(config, "auto", torch.device("cpu"))
+    assert first.dir == killed.dir and second.dir != killed.dir

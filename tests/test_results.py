@@ -51,6 +51,7 @@ def test_reopened_run_keeps_and_truncates_rows(results_dir):
     run = results.start_run("exp", {})
     for i in range(5):
         run.log({"step": i})
+    run.close()
     again = results.open_run(run.dir)
     assert [int(r["step"]) for r in again.rows()] == [0, 1, 2, 3, 4]
     again.truncate("metrics", 3)
@@ -81,3 +82,29 @@ def test_concurrent_runs_get_distinct_directories(results_dir):
     with mp.get_context("spawn").Pool(4) as pool:
         dirs = pool.map(_start, [str(results_dir)] * 8)
     assert len(set(dirs)) == 8
+
+
+def _hold_run(directory, ready, release):
+    run = results.open_run(directory)
+    ready.set()
+    release.wait(30)
+
+
+def test_a_run_open_in_a_live_process_cannot_be_opened_again_until_it_dies(results_dir):
+    run = results.start_run("exp", {})
+    with pytest.raises(results.RunInUse, match="another live process"):
+        results.open_run(run.dir)
+    run.finish({})
+    ctx = mp.get_context("spawn")
+    ready, release = ctx.Event(), ctx.Event()
+    unfinished = results.start_run("exp", {"b": 1})
+    directory = unfinished.dir
+    unfinished.close()  # hand it over, as if this process had been killed
+    holder = ctx.Process(target=_hold_run, args=(directory, ready, release))
+    holder.start()
+    assert ready.wait(60)
+    with pytest.raises(results.RunInUse):
+        results.open_run(directory)
+    holder.kill()  # SIGKILL: the kernel drops its lock
+    holder.join()
+    assert results.open_run(directory).dir == directory

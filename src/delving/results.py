@@ -19,6 +19,7 @@ results only through `load_run` / `find_runs` / `latest_run`.
 from __future__ import annotations
 
 import csv
+import fcntl
 import io
 import json
 import os
@@ -129,11 +130,25 @@ def provenance(*, device: str, seed: int | None) -> dict[str, Any]:
 
 # --- writing a run ------------------------------------------------------------------------
 
+class RunInUse(RuntimeError):
+    """Another live process has this run open for writing."""
+
+
 class Run:
-    """An open run record: created by `start_run`, reopened by `open_run` to resume."""
+    """An open run record: created by `start_run`, reopened by `open_run` to resume.
+
+    The process holding a Run holds an exclusive lock on `<run>/.lock` (flock: the kernel drops
+    it when the process exits or is killed), so two processes never write one run: a second
+    `open_run` of a live run raises RunInUse, and a killed run's lock is free to resume."""
 
     def __init__(self, directory: Path):
         self.dir = Path(directory)
+        self._lock = open(self.dir / ".lock", "a")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise RunInUse(f"run {self.dir} is being written by another live process") from None
         self.experiment = self.dir.parent.name
         self.run_id = self.dir.name
         self._tables: dict[str, list[dict[str, Any]]] = {}
@@ -141,6 +156,10 @@ class Run:
             with open(csv_path, newline="") as f:
                 self._tables[csv_path.stem] = [dict(r) for r in csv.DictReader(f)]
         self._t0 = time.time() - float(self._read_json("provenance.json").get("wall_time_s") or 0.0)
+
+    def close(self) -> None:
+        """Release the run without finishing it (it stays resumable)."""
+        self._lock.close()
 
     def _read_json(self, name: str) -> dict[str, Any]:
         path = self.dir / name
@@ -196,6 +215,7 @@ class Run:
         prov["end_time"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         atomic_write_json(self.dir / "provenance.json", prov)
         atomic_write_json(self.dir / "summary.json", {"status": status, "wall_time_s": wall, **summary})
+        self.close()
         return load_run(self.dir)
 
     def save_elapsed(self) -> None:

@@ -558,12 +558,16 @@ def _same_params(params: dict[str, Any], config: TrainConfig) -> bool:
 
 def open_or_start_run(config: TrainConfig, resume: str | Path | None, device: torch.device) -> results.Run:
     """resume=None: a new run. "auto": the newest unfinished run of the experiment with identical
-    params, else a new one. A run directory: that run (same params, not finished)."""
+    params that no live process is writing, else a new one. A run directory: that run (same params,
+    not finished, not in use)."""
     if resume == "auto":
         candidates = [r for r in results.find_runs(config.experiment, finished=False)
                       if not r.finished and _same_params(r.params, config)]
-        if candidates:
-            return results.open_run(candidates[-1].dir)
+        for candidate in reversed(candidates):  # newest first; one a live process holds is not ours
+            try:
+                return results.open_run(candidate.dir)
+            except results.RunInUse:
+                continue
     elif resume is not None:
         run = results.open_run(Path(resume))
         if (run.dir / "summary.json").exists():
@@ -659,125 +663,130 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, progress: bo
 
         # The run record (rank 0's), and where training stands: from scratch, or from the last checkpoint.
         run = open_or_start_run(config, resume, device) if rank == 0 else None
-        run_dir = run.dir if run else None
-        if distributed:  # every rank reads the same checkpoint
-            shared = [str(run_dir) if run else None]
-            dist.broadcast_object_list(shared, src=0)
-            run_dir = Path(shared[0])
-        state = {"epoch": 0, "batch": 0, "step": 0, "steps_per_epoch": steps_per_epoch,
-                 "lr": config.lr, "best_test_top1": math.inf, "bad_epochs": 0, "lr_drops": 0,  # schedule
-                 "loss_sum": 0.0, "loss_count": 0, "row_images": 0, "row_time": 0.0,  # since the last row
-                 "images": 0, "train_time": 0.0, "metric_rows": 0, "grad_rows": 0, "prelu_rows": 0}
-        if (run_dir / "checkpoint.pt").exists():
-            state = load_checkpoint(run_dir / "checkpoint.pt", config, net, optimizer)
-        if rank > 0:  # dropout: rank 0 draws the single-process run's masks, the others their own
-            torch.manual_seed(config.seed + 1_000_003 * rank + state["step"])
-        model = DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None) \
-            if distributed else net  # the forward/backward of training; `net` for everything else
-        tables = {"metrics": state["metric_rows"], "grad_norms": state["grad_rows"], "prelu": state["prelu_rows"]}
-        for table, keep in tables.items() if run else ():
-            if len(run.rows(table)) > keep:  # rows logged after the checkpoint are done again
-                run.truncate(table, keep)
-        grad_rows = run.rows("grad_norms") if run else []  # kept in memory, written with each checkpoint
-        a_rows = run.rows("prelu") if run else []
+        try:
+            run_dir = run.dir if run else None
+            if distributed:  # every rank reads the same checkpoint
+                shared = [str(run_dir) if run else None]
+                dist.broadcast_object_list(shared, src=0)
+                run_dir = Path(shared[0])
+            state = {"epoch": 0, "batch": 0, "step": 0, "steps_per_epoch": steps_per_epoch,
+                     "lr": config.lr, "best_test_top1": math.inf, "bad_epochs": 0, "lr_drops": 0,  # schedule
+                     "loss_sum": 0.0, "loss_count": 0, "row_images": 0, "row_time": 0.0,  # since the last row
+                     "images": 0, "train_time": 0.0, "metric_rows": 0, "grad_rows": 0, "prelu_rows": 0}
+            if (run_dir / "checkpoint.pt").exists():
+                state = load_checkpoint(run_dir / "checkpoint.pt", config, net, optimizer)
+            if rank > 0:  # dropout: rank 0 draws the single-process run's masks, the others their own
+                torch.manual_seed(config.seed + 1_000_003 * rank + state["step"])
+            model = DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None) \
+                if distributed else net  # the forward/backward of training; `net` for everything else
+            tables = {"metrics": state["metric_rows"], "grad_norms": state["grad_rows"], "prelu": state["prelu_rows"]}
+            for table, keep in tables.items() if run else ():
+                if len(run.rows(table)) > keep:  # rows logged after the checkpoint are done again
+                    run.truncate(table, keep)
+            grad_rows = run.rows("grad_norms") if run else []  # kept in memory, written with each checkpoint
+            a_rows = run.rows("prelu") if run else []
 
-        def save():  # rank 0
-            if grad_rows:
-                run.write_table("grad_norms", grad_rows)
-            state["metric_rows"], state["grad_rows"] = len(run.rows("metrics")), len(grad_rows)
-            state["prelu_rows"] = len(a_rows)
-            save_checkpoint(run.checkpoint_path, config, net, optimizer, state)
-            run.save_elapsed()
+            def save():  # rank 0
+                if grad_rows:
+                    run.write_table("grad_norms", grad_rows)
+                state["metric_rows"], state["grad_rows"] = len(run.rows("metrics")), len(grad_rows)
+                state["prelu_rows"] = len(a_rows)
+                save_checkpoint(run.checkpoint_path, config, net, optimizer, state)
+                run.save_elapsed()
 
-        def log_row(test: bool) -> dict[str, Any]:  # every rank evaluates its share; rank 0 writes
-            ev = dict(bf16=config.bf16, channels_last=config.channels_last, distributed=distributed)
-            eval_top1, eval_top5 = evaluate(net, eval_sets["eval"], **ev)
-            test_top1, test_top5 = evaluate(net, eval_sets["test"], **ev) if test else (math.nan,) * 2
-            epoch = round(state["step"] / steps_per_epoch, 4)
-            row = {"epoch": epoch, "step": state["step"], "lr": state["lr"],
-                   "train_loss": state["loss_sum"] / state["loss_count"] if state["loss_count"] else math.nan,
-                   "eval_top1": eval_top1, "eval_top5": eval_top5, "test_top1": test_top1, "test_top5": test_top5,
-                   "images_per_s": state["row_images"] / state["row_time"] if state["row_time"] > 0 else math.nan}
-            if run:
-                run.log(row)
-                a_rows.extend(prelu_rows(net, state["step"], epoch))
-                if a_rows:
-                    run.write_table("prelu", a_rows)
-            state.update(loss_sum=0.0, loss_count=0, row_images=0, row_time=0.0)
-            return row
+            def log_row(test: bool) -> dict[str, Any]:  # every rank evaluates its share; rank 0 writes
+                ev = dict(bf16=config.bf16, channels_last=config.channels_last, distributed=distributed)
+                eval_top1, eval_top5 = evaluate(net, eval_sets["eval"], **ev)
+                test_top1, test_top5 = evaluate(net, eval_sets["test"], **ev) if test else (math.nan,) * 2
+                epoch = round(state["step"] / steps_per_epoch, 4)
+                row = {"epoch": epoch, "step": state["step"], "lr": state["lr"],
+                       "train_loss": state["loss_sum"] / state["loss_count"] if state["loss_count"] else math.nan,
+                       "eval_top1": eval_top1, "eval_top5": eval_top5, "test_top1": test_top1, "test_top5": test_top5,
+                       "images_per_s": state["row_images"] / state["row_time"] if state["row_time"] > 0 else math.nan}
+                if run:
+                    run.log(row)
+                    a_rows.extend(prelu_rows(net, state["step"], epoch))
+                    if a_rows:
+                        run.write_table("prelu", a_rows)
+                state.update(loss_sum=0.0, loss_count=0, row_images=0, row_time=0.0)
+                return row
 
-        if state["step"] == 0 and state["metric_rows"] == 0:
-            log_row(test=False)  # epoch 0: the untrained network (the left end of Figs. 2-3)
-        total = min(config.epochs * steps_per_epoch, config.max_steps or math.inf)
-        bar = tqdm(total=total, initial=min(state["step"], total), disable=not progress or rank > 0, unit="step",
-                   desc=f"{config.experiment}/{run_dir.name}", dynamic_ncols=True)
-        last_err = _number(run.rows("metrics")[-1]["eval_top1"]) if run and run.rows("metrics") else math.nan
-        model.train()
-        stop = state["step"] >= total
-        while state["epoch"] < config.epochs and not stop:
-            if config.lr_schedule == "steps":
-                state["lr"] = config.lr * 0.1 ** sum(state["epoch"] >= s for s in config.lr_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = state["lr"]
-            t0 = time.perf_counter()
-            for x, y in train_batches.epoch(state["epoch"], start=state["batch"]):
-                x = x.to(device, non_blocking=True, memory_format=memory_format)  # no-op if there
-                y = y.to(device, non_blocking=True)
-                with autocast():
-                    loss = F.cross_entropy(model(x), y)
-                loss_value = _mean_over_ranks(loss, world)  # the one sync a step: is the loss still finite?
-                step = state["step"] + 1
-                if not math.isfinite(loss_value):  # the same on every rank: all stop here
-                    bar.close()
-                    state["train_time"] += time.perf_counter() - t0
-                    if not run:
-                        return None
-                    if grad_rows:
-                        run.write_table("grad_norms", grad_rows)
-                    return run.finish({**_summary(run, state), "diverged_at_step": step,
-                                       "message": f"diverged at step {step} (loss {loss_value})"}, status="diverged")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()  # under DDP: the gradients are averaged over the ranks here
-                if run and (step <= config.grad_norm_first
-                            or (config.grad_norm_every and step % config.grad_norm_every == 0)):
-                    grad_rows.extend(grad_norm_rows(net, step))
-                optimizer.step()
+            if state["step"] == 0 and state["metric_rows"] == 0:
+                log_row(test=False)  # epoch 0: the untrained network (the left end of Figs. 2-3)
+            total = min(config.epochs * steps_per_epoch, config.max_steps or math.inf)
+            bar = tqdm(total=total, initial=min(state["step"], total), disable=not progress or rank > 0, unit="step",
+                       desc=f"{config.experiment}/{run_dir.name}", dynamic_ncols=True)
+            last_err = _number(run.rows("metrics")[-1]["eval_top1"]) if run and run.rows("metrics") else math.nan
+            model.train()
+            stop = state["step"] >= total
+            while state["epoch"] < config.epochs and not stop:
+                if config.lr_schedule == "steps":
+                    state["lr"] = config.lr * 0.1 ** sum(state["epoch"] >= s for s in config.lr_steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = state["lr"]
+                t0 = time.perf_counter()
+                for x, y in train_batches.epoch(state["epoch"], start=state["batch"]):
+                    x = x.to(device, non_blocking=True, memory_format=memory_format)  # no-op if there
+                    y = y.to(device, non_blocking=True)
+                    with autocast():
+                        loss = F.cross_entropy(model(x), y)
+                    loss_value = _mean_over_ranks(loss, world)  # the one sync a step: is the loss still finite?
+                    step = state["step"] + 1
+                    if not math.isfinite(loss_value):  # the same on every rank: all stop here
+                        bar.close()
+                        state["train_time"] += time.perf_counter() - t0
+                        if not run:
+                            return None
+                        if grad_rows:
+                            run.write_table("grad_norms", grad_rows)
+                        return run.finish({**_summary(run, state), "diverged_at_step": step,
+                                           "message": f"diverged at step {step} (loss {loss_value})"}, status="diverged")
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()  # under DDP: the gradients are averaged over the ranks here
+                    if run and (step <= config.grad_norm_first
+                                or (config.grad_norm_every and step % config.grad_norm_every == 0)):
+                        grad_rows.extend(grad_norm_rows(net, step))
+                    optimizer.step()
 
-                state["step"], state["batch"] = step, state["batch"] + 1
-                state["loss_sum"] += loss_value
-                state["loss_count"] += 1
-                state["row_images"] += len(y) * world
-                state["images"] += len(y) * world
-                bar.update(1)
-                if step % 10 == 0:
-                    bar.set_postfix(loss=f"{loss_value:.3f}", err=f"{last_err:.3f}", refresh=False)
+                    state["step"], state["batch"] = step, state["batch"] + 1
+                    state["loss_sum"] += loss_value
+                    state["loss_count"] += 1
+                    state["row_images"] += len(y) * world
+                    state["images"] += len(y) * world
+                    bar.update(1)
+                    if step % 10 == 0:
+                        bar.set_postfix(loss=f"{loss_value:.3f}", err=f"{last_err:.3f}", refresh=False)
 
-                epoch_end, stop = state["batch"] == steps_per_epoch, step >= total
-                evaluate_now = state["batch"] in eval_points or stop
-                if config.checkpoint_every is None:
-                    checkpoint_now = evaluate_now
-                else:
-                    every = config.checkpoint_every
-                    checkpoint_now = epoch_end or stop or (every > 0 and step % every == 0)
-                if evaluate_now or checkpoint_now:
-                    elapsed = time.perf_counter() - t0  # training time only: evaluation is not counted
-                    state["row_time"] += elapsed
-                    state["train_time"] += elapsed
-                    if evaluate_now:
-                        row = log_row(test=epoch_end or stop)
-                        last_err = row["eval_top1"]
-                        bar.set_postfix(loss=f"{loss_value:.3f}", err=f"{last_err:.3f}")
-                    if epoch_end:
-                        state["epoch"], state["batch"] = state["epoch"] + 1, 0
-                        if config.lr_schedule == "plateau":
-                            _plateau_step(config, state, row["test_top1"])
-                    if checkpoint_now and run:
-                        save()
-                    t0 = time.perf_counter()
-                if stop:
-                    break
-        bar.close()  # the last step was checkpointed (epoch end or max_steps)
-        return run.finish(_summary(run, state), status="completed") if run else None
+                    epoch_end, stop = state["batch"] == steps_per_epoch, step >= total
+                    evaluate_now = state["batch"] in eval_points or stop
+                    if config.checkpoint_every is None:
+                        checkpoint_now = evaluate_now
+                    else:
+                        every = config.checkpoint_every
+                        checkpoint_now = epoch_end or stop or (every > 0 and step % every == 0)
+                    if evaluate_now or checkpoint_now:
+                        elapsed = time.perf_counter() - t0  # training time only: evaluation is not counted
+                        state["row_time"] += elapsed
+                        state["train_time"] += elapsed
+                        if evaluate_now:
+                            row = log_row(test=epoch_end or stop)
+                            last_err = row["eval_top1"]
+                            bar.set_postfix(loss=f"{loss_value:.3f}", err=f"{last_err:.3f}")
+                        if epoch_end:
+                            state["epoch"], state["batch"] = state["epoch"] + 1, 0
+                            if config.lr_schedule == "plateau":
+                                _plateau_step(config, state, row["test_top1"])
+                        if checkpoint_now and run:
+                            save()
+                        t0 = time.perf_counter()
+                    if stop:
+                        break
+            bar.close()  # the last step was checkpointed (epoch end or max_steps)
+            return run.finish(_summary(run, state), status="completed") if run else None
+        except BaseException:
+            if run:  # a failed or interrupted run is released: the next process may resume it
+                run.close()
+            raise
 
 
 def _plateau_step(config: TrainConfig, state: dict[str, Any], test_top1: float) -> None:
