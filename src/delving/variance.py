@@ -120,23 +120,14 @@ def _reused(build: Callable[[], nn.Module], device: str) -> Callable[[], nn.Modu
 
 
 @contextlib.contextmanager
-def _threads(n: int) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
+def _temporarily(get: Callable[[], Any], set_: Callable[[Any], None], value: Any) -> Iterator[None]:
+    """Set a torch global (thread count, default dtype) for a block, then restore it."""
+    previous = get()
+    set_(value)
     try:
         yield
     finally:
-        torch.set_num_threads(previous)
-
-
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
+        set_(previous)
 
 
 # --- theory ---------------------------------------------------------------------------------
@@ -268,7 +259,7 @@ def measure(case: Case, P: dict[str, Any], seed: int, device: str) -> pd.DataFra
     """The probe's per-(draw, layer) variances for one case."""
     build, shape = _builder(case, P)
     init_fn = functools.partial(init_model, scheme=case.scheme, std=FIXED_STD, prelu_aware=case.prelu_aware)
-    with _default_dtype(getattr(torch, case.dtype)):
+    with _temporarily(torch.get_default_dtype, torch.set_default_dtype, getattr(torch, case.dtype)):
         profile = variance_profile(_reused(build, device), init_fn, shape,
                                    draws=draws_of(case, P), batches=1, batch_size=P["batch_size"], seed=seed,
                                    device=device)
@@ -289,7 +280,7 @@ def run(P: dict[str, Any], *, cases: Sequence[Case] | None = None, root=None,
     case_rows, theory, layers = [], [], []
     # On CPU one thread: the probe's tensors are small, and OpenMP threads that spin-wait for a busy
     # core made the CPU profile ~9x slower on a shared 2-core machine (442 s against 50 s).
-    with _threads(1 if device == "cpu" else torch.get_num_threads()):
+    with _temporarily(torch.get_num_threads, torch.set_num_threads, 1 if device == "cpu" else torch.get_num_threads()):
         for i, case in enumerate(cases):
             seed = P["seed"] + 1000 * i  # independent draws per case (draws <= 1000)
             if progress:
