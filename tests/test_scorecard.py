@@ -81,3 +81,24 @@ def test_reads_the_newest_findings_records(tmp_path, monkeypatch):
     table = scorecard().set_index("chapter")
     assert table.loc["03_prelu"].iloc[0]["verdict"] == REPRODUCED  # table2 row, from the newer record
     assert table.loc["03_prelu"].iloc[0]["run"]
+
+
+def test_an_equality_claim_is_not_reproduced_by_noise_alone():
+    # one collapsed seed makes the spread huge: "within z standard errors" is then no evidence of equality
+    collapsed = {**PRELU, "activations": {**_acts(0.228, 0.1935, 0.1935),
+                                          "prelu-shared": {"top1_mean": 0.4325, "top1_std": 0.408, "n_seeds": 3}}}
+    assert _verdicts(**{"03_prelu": collapsed})["shared-vs-wise"] == PARTLY
+    far = {**PRELU, "xavier_relu": {"top1_mean": 0.789, "top1_std": 0.01, "n_seeds": 2}}
+    assert _verdicts(**{"03_prelu": far})["he-xavier-14"] == NOT_REPRODUCED
+    close = {**PRELU, "xavier_relu": {"top1_mean": 0.1230, "top1_std": 0.003, "n_seeds": 2}}
+    assert _verdicts(**{"03_prelu": close})["he-xavier-14"] == REPRODUCED  # 0.3 points apart
+
+
+def test_coefficients_that_hardly_moved_show_no_pattern():
+    # all within 0.01 of the initial 0.25: conv1 on top by noise is not Table 1's pattern
+    still = {"conv1": 0.252, "conv21": 0.249, "conv31": 0.244, "conv32": 0.245, "fc1": 0.249}
+    v = _verdicts(**{"03_prelu": {**PRELU, "coefficients": {"prelu-channel-wise": still}}})
+    assert v["table1"] == NOT_REPRODUCED
+    stage3_only = {"conv1": 0.5, "conv21": 0.6, "conv31": 0.2, "conv32": 0.15, "fc1": 0.07}
+    v = _verdicts(**{"03_prelu": {**PRELU, "coefficients": {"prelu-channel-wise": stage3_only}}})
+    assert v["table1"] == PARTLY

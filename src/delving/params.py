@@ -241,6 +241,8 @@ SPECS: dict[str, dict[str, Param]] = {
         "gradient_ratio": Param("float", "He/Xavier first-layer gradient norm above which gradients vanish", low=1.0),
         "margin_points": Param("float", "top-1 differences below this many points are no clear difference", low=0.0),
         "z": Param("float", "standard errors a difference must exceed to count", low=0.0),
+        "coefficient_gap": Param("float", "conv1's PReLU coefficient must exceed the conv3 stage's mean by this",
+                                 low=0.0),
     },
 }
 

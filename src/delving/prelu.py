@@ -252,8 +252,10 @@ def difference(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, float]:
 
 
 def _judge(diff: float, se: float, margin: float = 0.5, z: float = 2.0) -> str:
-    if abs(diff) <= max(margin, z * se):
-        return "no clear difference" + (f" (within {z:g} standard errors)" if z * se >= margin else "")
+    if abs(diff) <= margin:
+        return f"no clear difference (within {margin:g} points)"
+    if abs(diff) <= z * se:  # larger than the margin, but the seeds disagree as much: undecided
+        return f"too noisy to tell (within {z:g} standard errors, which exceed the difference)"
     return "beyond the spread"
 
 
