@@ -140,6 +140,7 @@ def test_two_runs_started_at_once_keep_separate_records(tmp_path):
 def test_two_processes_resuming_the_same_killed_run_never_share_it(tmp_path, monkeypatch):
     """Two papermill processes of one chapter both ask for resume="auto": one takes the killed
     run, the other starts its own, and neither writes into the other's record."""
+    monkeypatch.setenv("DELVING_RESULTS", str(tmp_path))  # never into the project's own results/
     killed = results.start_run("kill", {"x": 1})
     killed.close()  # as if its process had been killed
     from delving.train import TrainConfig, open_or_start_run
