@@ -274,8 +274,9 @@ def scale(P: dict[str, Any], runs: Runs | None = None) -> str:
     data = "Fashion-MNIST 28x28" if P["dataset"] == "fashion-mnist" else f"{P['dataset']} ({P['data_dir']})"
     length = ""
     if runs is not None:
-        r = runs.get("main", "deep30", P["he_init"])
-        length = f", {r.summary.get('steps')} steps"
+        steps = {m: runs.get("main", m, P["he_init"]).summary.get("steps") for m in ("deep30", "model_b")}
+        length = f", {steps['deep30']} steps" + (f" (22 layers: {steps['model_b']})"
+                                                if steps["model_b"] != steps["deep30"] else "")
     subset = f" of {P['train_subset']} images" if P["train_subset"] else ""
     return f"{data}, width {P['width']:g}, batch {P['batch_size']}, lr {P['lr']:g}{length}{subset}"
 
