@@ -21,10 +21,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipe-workers", type=int, nargs="+", default=[0, 2], help="DataLoader workers tried")
     parser.add_argument("--jpeg-images", type=int, default=192)
     parser.add_argument("--jpeg-workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--repeats", type=int, default=3, help="measurements per figure, in turn (median kept)")
     parser.add_argument("--json", type=Path, help="also write the figures here (atomically)")
     args = parser.parse_args(argv)
     out = run_benchmarks(args.steps, tuple(args.recipe_workers), args.jpeg_images, tuple(args.jpeg_workers),
-                         log=lambda m: print(m, flush=True))
+                         log=lambda m: print(m, flush=True), repeats=args.repeats)
     print()
     print(training_table(out).to_string(index=False))
     peak = out["matmul_peak_gflops"]

@@ -17,8 +17,10 @@ book's performance chapter calls `run_benchmarks` and shows the same table.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -163,27 +165,44 @@ def jpeg_pipeline(images: int, workers: list[int]) -> dict[int, float]:
 
 
 def run_benchmarks(steps: int = 60, recipe_workers: tuple[int, ...] = (0, 2), jpeg_images: int = 192,
-                   jpeg_workers: tuple[int, ...] = (0, 1, 2), log=print) -> dict:
-    """All the figures of this module's docstring, measured in one run on this machine."""
+                   jpeg_workers: tuple[int, ...] = (0, 1, 2), log=print, repeats: int = 3) -> dict:
+    """All the figures of this module's docstring, measured in one run on this machine.
+
+    A shared 2-core VM drifts by tens of percent over seconds, so each throughput is the median
+    of `repeats` measurements taken in turn (ours, ours bf16, the recipe, ours, ...): slow and
+    fast moments fall on both paths alike, and the ratio compares like with like. The spread
+    (min, max) of each is kept beside the median."""
+    if not (isinstance(repeats, int) and repeats >= 1):
+        raise ValueError(f"repeats: got {repeats!r}; allowed: an integer >= 1")
     out: dict = {"machine": {"cpu": results.cpu_model(), "threads": torch.get_num_threads(),
                              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")},
-                 "settings": {"steps": steps, "width": WIDTH, "batch_size": BATCH}}
+                 "settings": {"steps": steps, "width": WIDTH, "batch_size": BATCH, "repeats": repeats}}
     peak = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     out["matmul_peak_gflops"] = peak
     log(f"matmul peak: fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.1f} GFLOP/s")
     rows = []
     for model in ("deep30", "small14"):
         macs = count_macs(build_model(model, num_classes=10, in_channels=1, input_size=28, width=WIDTH))
-        ours_rate = ours(model, steps)
         # bf16 autocast only where the CPU has bf16 arithmetic (its matmul beats fp32's): emulated,
         # it runs several times slower than fp32 and would only lengthen the benchmark
-        bf16_rate = ours(model, steps, bf16=True) if peak["bf16"] > peak["fp32"] else None
-        recipe = {w: usual_recipe(model, steps, w) for w in recipe_workers}
+        native = peak["bf16"] > peak["fp32"]
+        ours_runs, bf16_runs, recipe_runs = [], [], {w: [] for w in recipe_workers}
+        for _ in range(repeats):
+            ours_runs.append(ours(model, steps))
+            if native:
+                bf16_runs.append(ours(model, steps, bf16=True))
+            for w in recipe_workers:
+                recipe_runs[w].append(usual_recipe(model, steps, w))
+        ours_rate = float(np.median(ours_runs))
+        bf16_rate = float(np.median(bf16_runs)) if native else None
+        recipe = {w: float(np.median(r)) for w, r in recipe_runs.items()}
         best_w = max(recipe, key=recipe.get)
         gflops = ours_rate * macs * 6 / 1e9
         bf16_gflops = bf16_rate * macs * 6 / 1e9 if bf16_rate else None
         rows.append({"model": model, "ours_images_per_s": ours_rate, "recipe_images_per_s": recipe[best_w],
                      "recipe_workers": best_w, "recipe_by_workers": recipe, "speedup": ours_rate / recipe[best_w],
+                     "ours_min": min(ours_runs), "ours_max": max(ours_runs),
+                     "recipe_min": min(recipe_runs[best_w]), "recipe_max": max(recipe_runs[best_w]),
                      "ours_bf16_images_per_s": bf16_rate, "bf16_over_fp32": bf16_rate / ours_rate if bf16_rate else None,
                      "train_gflops": gflops, "fraction_fp32_peak": gflops / peak["fp32"],
                      "train_gflops_bf16": bf16_gflops,
@@ -200,6 +219,14 @@ def _measured(x) -> bool:
     return x is not None and not (isinstance(x, float) and math.isnan(x))
 
 
+def _with_range(r: dict, path: str):
+    """A median throughput, with its [min-max] over the repeats where they were kept."""
+    median = round(r[f"{path}_images_per_s"])
+    if not _measured(r.get(f"{path}_min")):
+        return median
+    return f"{median} [{r[f'{path}_min']:.0f}-{r[f'{path}_max']:.0f}]"
+
+
 def _rate(rate: float | None) -> str:
     return "not run: no native bf16" if rate is None else f"{rate:.0f} img/s"
 
@@ -211,14 +238,30 @@ def recipe_by_text(rates: dict[int, float]) -> str:
 def training_table(out: dict) -> pd.DataFrame:
     """The headline table: our trainer against the usual recipe, and against the machine's peaks."""
     return pd.DataFrame([{
-        "model": r["model"], "delving.train (img/s)": round(r["ours_images_per_s"]),
-        "usual recipe (img/s)": round(r["recipe_images_per_s"]), "recipe workers": r["recipe_workers"],
+        "model": r["model"], "delving.train (img/s)": _with_range(r, "ours"),
+        "usual recipe (img/s)": _with_range(r, "recipe"), "recipe workers": r["recipe_workers"],
         "speed-up": round(r["speedup"], 2), "training GFLOP/s": round(r["train_gflops"], 1),
         "of fp32 matmul peak": f"{r['fraction_fp32_peak']:.0%}",
         "delving.train bf16 (img/s)": round(r["ours_bf16_images_per_s"]) if _measured(r.get("ours_bf16_images_per_s")) else "n/a",
         "bf16 / fp32": round(r["bf16_over_fp32"], 2) if _measured(r.get("bf16_over_fp32")) else "n/a",
         "of bf16 matmul peak": f"{r['fraction_bf16_peak']:.0%}",
     } for r in out["training"]])
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """Kineto, the profiler's C++ backend, writes start/stop lines (and on a machine without a GPU
+    an error about counting GPUs) straight to file descriptor 2, past Python's sys.stderr: they
+    would land in the book's page. Point fd 2 at /dev/null while the profiler runs."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def profile_training(model_name: str = "deep30", steps: int = 10, warmup: int = 3) -> pd.DataFrame:
@@ -243,7 +286,7 @@ def profile_training(model_name: str = "deep30", steps: int = 10, warmup: int = 
     batch_list = list(batches.epoch(0))
     for x, y in batch_list[:warmup]:
         step(x, y)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    with _native_stderr_silenced(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for x, y in batch_list[warmup:]:
             step(x, y)
     events = prof.key_averages()
