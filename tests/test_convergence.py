@@ -122,3 +122,15 @@ def test_tiny_runs_give_the_scorecards_schema_and_are_reused(monkeypatch, tmp_pa
     again = cv.run(P)  # a second pass trains nothing
     assert all(again.reused.values())
     assert [r.dir for r in again.unique()] == [r.dir for r in runs.unique()]
+
+
+def test_fan_out_products_by_hand():
+    # deep30 at width 1/16 on 28x28: fc1 800 -> 256 (SPP output), fc2 256 -> 256, fc3 256 -> 10 classes
+    P = {"dataset": "fashion-mnist", "width": 0.0625}
+    ours = cv.fan_out_products(P, "deep30")["ours"]
+    assert ours["fc"] == pytest.approx(800 / 256 * 256 / 256 * 256 / 10)
+    assert ours["all"] == pytest.approx(ours["conv"] * ours["fc"])
+    paper = cv.fan_out_products(P, "deep30")["paper"]
+    # full width at 224: fc1 12800 -> 4096 (256 channels x 50 bins of SPP {6, 3, 2, 1}), fc3 4096 -> 1000
+    assert paper["fc"] == pytest.approx(12800 / 4096 * 4096 / 1000)
+    assert paper["conv"] == pytest.approx(64 / 256)  # c_2 / d_L: conv2's 64 inputs, the last conv's 256 outputs

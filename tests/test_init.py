@@ -154,6 +154,19 @@ def test_init_model_matches_theory_weight_variance(scheme):
     assert torch.all(model[0][1].weight == 0.25)
 
 
+def test_he_fan_out_conv_is_eq14_on_convs_and_eq10_on_fc_layers():
+    model = nn.Sequential(nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 10))
+    gen = torch.Generator().manual_seed(2)
+    draws = {0: [], 3: [], 5: []}
+    for _ in range(40):
+        init_model(model, "he-fan-out-conv", generator=gen)
+        for i in draws:
+            draws[i].append(model[i].weight.detach().flatten().clone())
+    assert_moments(torch.cat(draws[0]).double(), 2 / (3 * 3 * 16))  # conv: n^ = k^2 d
+    assert_moments(torch.cat(draws[3]).double(), 2 / 64)            # fc1: n = c (not 2 / 512)
+    assert_moments(torch.cat(draws[5]).double(), 2 / 512)           # fc3: n = c (not 2 / 10)
+
+
 @pytest.mark.parametrize("scheme, mode", [("he-fan-in", "fan_in"), ("he-fan-out", "fan_out")])
 def test_init_model_prelu_aware_uses_the_following_coefficient(scheme, mode):
     def one_layer(seed, prelu_aware, **kwargs):

@@ -25,7 +25,7 @@ def test_layer_spec_fans():
 
 def test_weight_variance_per_scheme():
     conv = LayerSpec.conv(3, 64, 128, a=0.25)
-    expected = {"he-fan-in": 2 / 576, "he-fan-out": 2 / 1152, "xavier": 1 / 576, "glorot": 2 / (576 + 1152),
+    expected = {"he-fan-in": 2 / 576, "he-fan-out": 2 / 1152, "he-fan-out-conv": 2 / 1152, "xavier": 1 / 576, "glorot": 2 / (576 + 1152),
                 "fixed": 0.02 ** 2, "pytorch": 1 / (3 * 576)}
     assert set(expected) == set(SCHEMES)
     for scheme, var in expected.items():
@@ -36,6 +36,9 @@ def test_weight_variance_per_scheme():
     assert weight_variance(conv, "xavier", prelu_aware=True) == pytest.approx(1 / 576)
     # no activation after the layer: init falls back to ReLU's a = 0, as the paper does
     assert weight_variance(LayerSpec.conv(3, 64, 128, a=None), "he-fan-in", prelu_aware=True) == pytest.approx(2 / 576)
+    # Eq. 14 on conv layers, Eq. 10 on fc layers
+    assert weight_variance(LayerSpec.fc(800, 256), "he-fan-out-conv") == pytest.approx(2 / 800)
+    assert weight_variance(LayerSpec.fc(800, 256), "he-fan-out") == pytest.approx(2 / 256)
     with pytest.raises(ValueError, match="scheme"):
         weight_variance(conv, "lecun")
 

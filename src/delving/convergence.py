@@ -32,8 +32,9 @@ import pandas as pd
 from delving import results, train
 
 EXPERIMENT = "convergence"
-SCHEMES = ("he-fan-out", "he-fan-in", "xavier")  # the paper's models used Eq. 14 (fan-out)
-INIT_LABELS = {"he-fan-out": "He, Eq. 14 (fan-out)", "he-fan-in": "He, Eq. 10 (fan-in)", "xavier": "Xavier (paper's)"}
+SCHEMES = ("he-fan-out", "he-fan-in", "he-fan-out-conv", "xavier")  # the paper's models used Eq. 14 (fan-out)
+INIT_LABELS = {"he-fan-out": "He, Eq. 14 (fan-out)", "he-fan-in": "He, Eq. 10 (fan-in)",
+               "he-fan-out-conv": "He, Eq. 14 on convs, Eq. 10 on fc", "xavier": "Xavier (paper's)"}
 MODELS = ("model_b", "deep30")  # Fig. 2, Fig. 3
 MODEL_LABELS = {"model_b": "22 layers (model B)", "deep30": "30 layers", "small14": "14 layers"}
 FIGURE = {"model_b": "Fig. 2", "deep30": "Fig. 3"}
@@ -267,6 +268,36 @@ def weight_layers(runs: Runs, model: str) -> int:
     """Weight layers (conv and fc) of a main run's model, from its gradient-norm table."""
     spec = next(s for s in runs.specs if s.role == "main" and s.model == model)
     return int(runs.records[spec.key].table("grad_norms")["layer"].nunique())
+
+
+def fan_out_products(P: dict[str, Any], model: str) -> dict[str, dict[str, float]]:
+    """Eq. 14 alone, in closed form: the forward variance gain prod n_l / n^_l
+    (`delving.theory.fan_out_only_forward_product`) over a network's conv layers (c_2 / d_L), over
+    its fully connected ones (fc1's input is SPP's bins x channels, fc3's output the classes) and
+    over all, for the model as this chapter builds it ("ours") and in the paper's form ("paper":
+    224 x 224 RGB, 1000 classes, full width). Built on the meta device: no weights are drawn."""
+    import torch
+    from torch import nn
+
+    from delving.models import build_model
+    from delving.theory import LayerSpec, fan_out_only_forward_product
+
+    if P["dataset"] == "fashion-mnist":
+        ours = dict(num_classes=10, in_channels=1, input_size=28, width=P["width"])
+    else:
+        ours = dict(num_classes=num_classes(P) or 1000, in_channels=3, input_size=224, width=P["width"])
+    out = {}
+    for key, build in (("ours", ours), ("paper", {})):
+        with torch.device("meta"):
+            net = build_model(model, **build)
+        specs = [LayerSpec.conv(m.kernel_size[0], m.in_channels, m.out_channels) if isinstance(m, nn.Conv2d)
+                 else LayerSpec.fc(m.in_features, m.out_features) for _, m in net.weight_layers()]
+        conv = [s for s in specs if s.kind == "conv"]
+        # fc1's own factor counts: it follows a conv layer, so the fc product starts there
+        out[key] = {"conv": fan_out_only_forward_product(conv),
+                    "fc": math.prod(s.n / s.n_hat for s in specs if s.kind == "fc"),
+                    "all": fan_out_only_forward_product(specs)}
+    return out
 
 
 def scale(P: dict[str, Any], runs: Runs | None = None) -> str:

@@ -14,7 +14,11 @@ import torch
 from torch import nn
 
 WEIGHT_LAYERS = (nn.Conv2d, nn.Linear)
-SCHEMES = ("he-fan-in", "he-fan-out", "xavier", "glorot", "fixed", "pytorch")
+SCHEMES = ("he-fan-in", "he-fan-out", "he-fan-out-conv", "xavier", "glorot", "fixed", "pytorch")
+# "he-fan-out-conv": Eq. 14 on the conv layers, Eq. 10 on the fully connected ones. Sec. 2.2 derives
+# both forms for conv layers, where the product of n_l / n^_l telescopes to c_2 / d_L; in the fc
+# layers after SPP it does not (fc1's fan-in is bins x channels, fc3's fan-out the classes).
+HE_SCHEMES = ("he-fan-in", "he-fan-out", "he-fan-out-conv")
 MODES = ("fan_in", "fan_out")
 
 
@@ -88,6 +92,13 @@ def pytorch_default_(module: nn.Module, *, generator: torch.Generator | None = N
     return module
 
 
+def he_mode(scheme: str, *, is_conv: bool) -> str:
+    """The fan ("fan_in" or "fan_out") a He scheme normalises for a conv or an fc layer."""
+    if scheme == "he-fan-out-conv":
+        return "fan_out" if is_conv else "fan_in"
+    return "fan_in" if scheme == "he-fan-in" else "fan_out"
+
+
 def init_model(model: nn.Module, scheme: str, *, std: float = 0.01, prelu_aware: bool = False,
                following_prelu_init: Mapping[str, float | None] | None = None,
                generator: torch.Generator | None = None) -> nn.Module:
@@ -109,10 +120,10 @@ def init_model(model: nn.Module, scheme: str, *, std: float = 0.01, prelu_aware:
             pytorch_default_(module, generator=generator)
             continue
         w = module.weight
-        if scheme in ("he-fan-in", "he-fan-out"):
+        if scheme in HE_SCHEMES:
             a = following_prelu_init.get(name, getattr(module, "following_prelu_init", None))
             a = (a or 0.0) if prelu_aware else 0.0
-            he_normal_(w, "fan_in" if scheme == "he-fan-in" else "fan_out", a, generator=generator)
+            he_normal_(w, he_mode(scheme, is_conv=isinstance(module, nn.Conv2d)), a, generator=generator)
         elif scheme == "xavier":
             xavier_normal_(w, generator=generator)
         elif scheme == "glorot":

@@ -177,7 +177,8 @@ SPECS: dict[str, dict[str, Param]] = {
         "grad_norm_every": Param("int", "and every k steps after (0: never)", low=0),
         "sweep_model": Param("str", "model of the learning-rate sweep", choices=("deep30", "model_b", "small14")),
         "sweep_lrs": Param("float-list", "learning rates of the sweep", low=1e-6, high=1.0),
-        "sweep_inits": Param("str-list", "initialisations of the sweep", choices=("he-fan-out", "he-fan-in", "xavier")),
+        "sweep_inits": Param("str-list", "initialisations of the sweep (he-fan-out-conv: Eq. 14 on convs, Eq. 10 "
+                                         "on fc layers)", choices=("he-fan-out", "he-fan-in", "he-fan-out-conv", "xavier")),
         "sweep_max_steps": Param("int", "stop every sweep run after this many steps (None: as the main runs)",
                                  low=1, nullable=True),
         "stalled_top1": Param("float", "top-1 error at or above this counts as still at chance", low=0.0, high=1.0),

@@ -17,7 +17,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from delving.init import SCHEMES
+from delving.init import HE_SCHEMES, SCHEMES, he_mode
 
 VGG_B_FILTERS = (64, 64, 128, 128, 256, 256, 512, 512, 512, 512)  # VGG "model B": 10 3x3 convs
 
@@ -64,9 +64,10 @@ def activation_gain(a: float | None) -> float:
 
 def weight_variance(spec: LayerSpec, scheme: str, *, std: float = 0.01, prelu_aware: bool = False) -> float:
     """Var[w_l] that ``delving.init.init_model(scheme, std=, prelu_aware=)`` draws for this layer."""
-    if scheme in ("he-fan-in", "he-fan-out"):
+    if scheme in HE_SCHEMES:
         a = (spec.a or 0.0) if prelu_aware else 0.0  # init treats "no activation" as ReLU, like the paper
-        return 2.0 / ((1.0 + a * a) * (spec.n if scheme == "he-fan-in" else spec.n_hat))  # Eq. 10/14/15
+        fan = spec.n if he_mode(scheme, is_conv=spec.kind == "conv") == "fan_in" else spec.n_hat
+        return 2.0 / ((1.0 + a * a) * fan)  # Eq. 10/14/15
     if scheme == "xavier":
         return 1.0 / spec.n
     if scheme == "glorot":
