@@ -277,10 +277,9 @@ def fan_out_products(P: dict[str, Any], model: str) -> dict[str, dict[str, float
     over all, for the model as this chapter builds it ("ours") and in the paper's form ("paper":
     224 x 224 RGB, 1000 classes, full width). Built on the meta device: no weights are drawn."""
     import torch
-    from torch import nn
 
     from delving.models import build_model
-    from delving.theory import LayerSpec, fan_out_only_forward_product
+    from delving.theory import fan_out_only_forward_product, weight_layer_specs
 
     if P["dataset"] == "fashion-mnist":
         ours = dict(num_classes=10, in_channels=1, input_size=28, width=P["width"])
@@ -290,8 +289,7 @@ def fan_out_products(P: dict[str, Any], model: str) -> dict[str, dict[str, float
     for key, build in (("ours", ours), ("paper", {})):
         with torch.device("meta"):
             net = build_model(model, **build)
-        specs = [LayerSpec.conv(m.kernel_size[0], m.in_channels, m.out_channels) if isinstance(m, nn.Conv2d)
-                 else LayerSpec.fc(m.in_features, m.out_features) for _, m in net.weight_layers()]
+        specs = weight_layer_specs(net)
         conv = [s for s in specs if s.kind == "conv"]
         # fc1's own factor counts: it follows a conv layer, so the fc product starts there
         out[key] = {"conv": fan_out_only_forward_product(conv),

@@ -251,12 +251,18 @@ def difference(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, float]:
     return diff, se
 
 
-def _judge(diff: float, se: float, margin: float = 0.5, z: float = 2.0) -> str:
+def spread_class(diff: float, se: float, margin: float = 0.5, z: float = 2.0) -> str:
+    """"within margin" (|diff| <= margin points), "within spread" (larger, but not beyond z
+    standard errors: the seeds disagree as much as the runs, undecided) or "beyond" (both)."""
     if abs(diff) <= margin:
-        return f"no clear difference (within {margin:g} points)"
-    if abs(diff) <= z * se:  # larger than the margin, but the seeds disagree as much: undecided
-        return f"too noisy to tell (within {z:g} standard errors, which exceed the difference)"
-    return "beyond the spread"
+        return "within margin"
+    return "within spread" if abs(diff) <= z * se else "beyond"
+
+
+def _judge(diff: float, se: float, margin: float = 0.5, z: float = 2.0) -> str:
+    return {"within margin": f"no clear difference (within {margin:g} points)",
+            "within spread": f"too noisy to tell (within {z:g} standard errors, which exceed the difference)",
+            "beyond": "beyond the spread"}[spread_class(diff, se, margin, z)]
 
 
 def verdict(F: dict[str, Any], margin: float = 0.5, z: float = 2.0) -> list[str]:

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import pandas as pd
 
 from delving import results
-from delving.prelu import difference
+from delving.prelu import difference, spread_class
 
 REPRODUCED, PARTLY, NOT_REPRODUCED, NOT_RUN = "reproduced", "partly", "not reproduced", "not run at this scale"
 
@@ -152,9 +152,8 @@ def _equal(diff: float, se: float, t: Thresholds) -> str:
     partly when it is larger but not beyond z standard errors (the seeds disagree too much to
     tell equal from different: no evidence either way is not evidence of equality); not
     reproduced when it is beyond both."""
-    if abs(diff) <= t.margin_points:
-        return REPRODUCED
-    return PARTLY if abs(diff) <= t.z * se else NOT_REPRODUCED
+    return {"within margin": REPRODUCED, "within spread": PARTLY,
+            "beyond": NOT_REPRODUCED}[spread_class(diff, se, t.margin_points, t.z)]
 
 
 def _shared_vs_wise(f, t):

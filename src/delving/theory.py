@@ -113,6 +113,15 @@ def xavier_factor(num_layers: int) -> float:
     return (1.0 / math.sqrt(2.0)) ** num_layers
 
 
+def weight_layer_specs(model) -> list[LayerSpec]:
+    """The LayerSpecs of a `delving.models` network's weight layers, input to output (activations
+    left at ReLU's a = 0; build it on the meta device to read shapes without drawing weights)."""
+    from torch import nn
+
+    return [LayerSpec.conv(m.kernel_size[0], m.in_channels, m.out_channels) if isinstance(m, nn.Conv2d)
+            else LayerSpec.fc(m.in_features, m.out_features) for _, m in model.weight_layers()]
+
+
 def fan_out_only_forward_product(layers: Sequence[LayerSpec]) -> float:
     """Var[y_L] / Var[y_1] of a ReLU net initialised by Eq. 14 alone: prod_{l=2..L} n_l / n^_l.
 

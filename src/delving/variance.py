@@ -43,7 +43,7 @@ from delving.init import init_model
 from delving.probe import conv_stack, deep_mlp, layer_specs, variance_profile
 from delving.theory import (LayerSpec, activation_gain, backward_ratios, fan_out_only_forward_product,
                             forward_ratios, vgg_b_layers, vgg_fixed_std_gradient_ratio, weight_variance,
-                            xavier_factor)
+                            weight_layer_specs, xavier_factor)
 
 EXPERIMENT = "variance"
 FIXED_STD = 0.01
@@ -422,8 +422,7 @@ def model_products(names: Sequence[str] = PAPER_MODELS) -> pd.DataFrame:
     for name in names:
         with torch.device("meta"):  # full width, nothing allocated
             model = build_model(name)
-        specs = [LayerSpec.conv(m.kernel_size[0], m.in_channels, m.out_channels) if isinstance(m, nn.Conv2d)
-                 else LayerSpec.fc(m.in_features, m.out_features) for _, m in model.weight_layers()]
+        specs = weight_layer_specs(model)
         conv = [s for s in specs if s.kind == "conv"]
         rows.append({"model": name, "weight layers": len(specs), "conv layers": len(conv), "c_2": conv[1].c,
                      "d_L (last conv)": conv[-1].d, "c_2 / d_L": conv[1].c / conv[-1].d,
