@@ -181,11 +181,11 @@ def run_benchmarks(steps: int = 60, recipe_workers: tuple[int, ...] = (0, 2), jp
     out["matmul_peak_gflops"] = peak
     log(f"matmul peak: fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.1f} GFLOP/s")
     rows = []
+    # bf16 autocast only where the CPU has bf16 arithmetic: emulated, it runs several times slower
+    # than fp32 and would only lengthen the benchmark
+    native = native_bf16(peak)
     for model in ("deep30", "small14"):
         macs = count_macs(build_model(model, num_classes=10, in_channels=1, input_size=28, width=WIDTH))
-        # bf16 autocast only where the CPU has bf16 arithmetic (its matmul beats fp32's): emulated,
-        # it runs several times slower than fp32 and would only lengthen the benchmark
-        native = peak["bf16"] > peak["fp32"]
         ours_runs, bf16_runs, recipe_runs = [], [], {w: [] for w in recipe_workers}
         for _ in range(repeats):
             ours_runs.append(ours(model, steps))
@@ -212,6 +212,12 @@ def run_benchmarks(steps: int = 60, recipe_workers: tuple[int, ...] = (0, 2), jp
     out["training"] = rows
     out["jpeg_images_per_s_by_workers"] = jpeg_pipeline(jpeg_images, list(jpeg_workers))
     return out
+
+
+def native_bf16(peak: dict[str, float]) -> bool:
+    """Whether this machine computes bf16 natively: its measured bf16 matmul beats its fp32 one
+    (a CPU without AVX512-BF16/AMX emulates bf16, hundreds of times slower)."""
+    return peak["bf16"] > peak["fp32"]
 
 
 def _measured(x) -> bool:
@@ -305,7 +311,7 @@ def targets(training: pd.DataFrame, peak: dict[str, float], profile: pd.DataFram
     what bounds it (from the profile: the convolution kernels are the part of a step that both
     paths share, so their share bounds what any data-path or framework saving can buy)."""
     conv_share = float(profile[profile.operator.isin(CONV_OPS)].share.sum())
-    native = peak["bf16"] > peak["fp32"]
+    native = native_bf16(peak)
     lines = []
     for r in training.itertuples():
         bf16 = getattr(r, "ours_bf16_images_per_s", None)

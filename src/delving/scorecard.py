@@ -140,7 +140,7 @@ def _table2(f, t):
     if "relu" not in a or "prelu-channel-wise" not in a:
         return Verdict(NOT_RUN, "ReLU and channel-wise PReLU not both run")
     diff, se = difference(a["relu"], a["prelu-channel-wise"])
-    clear = diff > max(t.margin_points, t.z * se)
+    clear = diff > 0 and spread_class(diff, se, t.margin_points, t.z) == "beyond"
     verdict = REPRODUCED if clear else PARTLY if diff > 0 else NOT_REPRODUCED
     return Verdict(verdict, f"top-1 error ReLU {_pct(a['relu']['top1_mean'])}, PReLU channel-wise "
                             f"{_pct(a['prelu-channel-wise']['top1_mean'])}: PReLU better by {diff:+.2f} points",
